@@ -1,0 +1,131 @@
+"""The meta-loss network (MLN) and its drop-in loss module.
+
+One small MLP ``f`` is shared by all classes. For a sample with predicted
+probabilities ``p`` and one-hot target ``y`` the loss is
+``sum_c f(p_c, y_c)`` over the task's valid classes, so the same network
+serves any number of classes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from mln_core.config import LossNetConfig
+
+_ACTIVATIONS = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "softplus": nn.Softplus,
+    "sigmoid": nn.Sigmoid,
+}
+
+
+def onehot_targets(target: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """One-hot ``[..., C]`` of class indices; unlike ``F.one_hot`` it works under vmap."""
+    return (target[..., None] == torch.arange(num_classes, device=target.device)).to(dtype)
+
+
+class MetaLossNet(nn.Module):
+    """Per-class loss ``f(p_c, y_c)``, summed over valid classes."""
+
+    def __init__(self, config: LossNetConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width_in = 2
+        for _ in range(config.depth):
+            layers += [nn.Linear(width_in, config.hidden_width), _ACTIVATIONS[config.activation]()]
+            width_in = config.hidden_width
+        layers.append(nn.Linear(width_in, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, prob: torch.Tensor, target: torch.Tensor, class_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the loss of each sample: ``prob`` and one-hot ``target`` are ``[..., C]``, the result ``[...]``."""
+        # Centre both inputs on 0 so the first layer starts in tanh's linear range.
+        pairs = torch.stack([2.0 * prob - 1.0, 2.0 * target - 1.0], dim=-1)  # [..., C, 2]
+        per_class = self.mlp(pairs).squeeze(-1)  # [..., C]
+        if class_mask is not None:
+            per_class = per_class * class_mask
+        return per_class.sum(-1)
+
+
+class ParamLayout:
+    """Maps a module's parameters to one flat vector and back.
+
+    Estimators and the all-reduce work on flat vectors ``[M]`` (or ``[P, M]``
+    for a population); ``unflatten`` turns a row back into the dict that
+    ``torch.func.functional_call`` takes.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.names = [name for name, _ in module.named_parameters()]
+        self.shapes = [p.shape for _, p in module.named_parameters()]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.numel = sum(self.sizes)
+
+    def flatten(self, module: nn.Module) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        if flat.shape[-1] != self.numel:
+            raise ValueError(f"flat parameter vector has {flat.shape[-1]} entries, expected {self.numel}")
+        chunks = torch.split(flat, self.sizes, dim=-1)
+        return {
+            name: chunk.reshape(flat.shape[:-1] + shape)
+            for name, chunk, shape in zip(self.names, chunks, self.shapes)
+        }
+
+    def load_into(self, module: nn.Module, flat: torch.Tensor) -> None:
+        with torch.no_grad():
+            for param, value in zip(module.parameters(), self.unflatten(flat).values()):
+                param.copy_(value)
+
+
+def mln_per_sample(
+    net: MetaLossNet,
+    meta_params: dict[str, torch.Tensor],
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    class_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Apply the MLN with explicit parameters: ``logits [N, C]``, ``target [N]`` to losses ``[N]``."""
+    prob = torch.softmax(logits, dim=-1)
+    onehot = onehot_targets(target, logits.shape[-1], logits.dtype)
+    return functional_call(net, meta_params, (prob, onehot, class_mask))
+
+
+class MetaLoss(nn.Module):
+    """A trained MLN as a drop-in replacement for ``torch.nn.CrossEntropyLoss``.
+
+    ``loss_fn(logits, target)`` takes logits ``[N, C]`` and class indices
+    ``[N]``; ``reduction`` is ``"mean"``, ``"sum"`` or ``"none"``. The network's
+    parameters are frozen (``requires_grad=False``), so only the classifier
+    being trained receives gradients.
+    """
+
+    def __init__(self, net: MetaLossNet, reduction: str = "mean") -> None:
+        super().__init__()
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction={reduction!r} is invalid: use 'mean', 'sum' or 'none'")
+        self.net = net.requires_grad_(False)
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.ndim != 2 or target.shape != logits.shape[:1]:
+            raise ValueError(
+                f"expected logits [N, C] and target [N], got {tuple(logits.shape)} and {tuple(target.shape)}"
+            )
+        if target.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"target must hold class indices (int64), got dtype {target.dtype}")
+        prob = torch.softmax(logits, dim=-1)
+        onehot = onehot_targets(target.long(), logits.shape[-1], logits.dtype)
+        losses = self.net(prob, onehot)
+        if self.reduction == "mean":
+            return losses.mean()
+        if self.reduction == "sum":
+            return losses.sum()
+        return losses
