@@ -52,7 +52,7 @@ class TaskConfig(FrozenModel):
 class LossNetConfig(FrozenModel):
     """Shape of the meta-loss network, applied to each (probability, target) pair."""
 
-    hidden_width: int = Field(32, ge=1, le=1024, description="Width of each hidden layer.")
+    hidden_width: int = Field(16, ge=1, le=1024, description="Width of each hidden layer.")
     depth: int = Field(2, ge=1, le=8, description="Number of hidden layers.")
     activation: Literal["tanh", "relu", "gelu", "softplus", "sigmoid"] = Field(
         "tanh", description="Hidden-layer activation."
