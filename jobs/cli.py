@@ -74,7 +74,7 @@ def _evaluate_and_report(config: Config, net, out_dir: Path, ray_address: str | 
     else:
         from jobs.evaluate import evaluate
 
-        evaluate(config, net, out_dir, progress=logger.info)
+        evaluate(config, net, out_dir)
     logger.info("report written to %s", out_dir / "report.md")
 
 

@@ -158,7 +158,7 @@ class EvalConfig(FrozenModel):
     )
     splits: int = Field(10, ge=2, le=1000, description="Random train/validation/test splits per dataset.")
     lr_grid: tuple[float, ...] = Field(
-        (0.01, 0.03, 0.1, 0.3, 1.0, 3.0), description="Learning rates tried for the tuned baselines."
+        (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0), description="Learning rates tried for the tuned baselines."
     )
     steps: int | None = Field(None, ge=1, description="Inner steps at evaluation; null uses inner.steps.")
     classifiers: tuple[Literal["linear", "mlp"], ...] = Field(
