@@ -125,13 +125,13 @@ class EstimatorConfig(FrozenModel):
 class TrainConfig(FrozenModel):
     """Outer loop: Adam on the loss-network parameters."""
 
-    steps: int = Field(300, ge=1, le=10_000_000, description="Meta-steps.")
+    steps: int = Field(1000, ge=1, le=10_000_000, description="Meta-steps.")
     tasks_per_step: int = Field(32, ge=1, le=1_000_000, description="Tasks T in each meta-step (all workers together).")
     lr: float = Field(3e-3, gt=0.0, le=1.0, description="Adam learning rate on the loss network.")
     grad_clip: float = Field(1.0, gt=0.0, description="Maximum L2 norm of the meta-gradient.")
     seed: int = Field(0, ge=0, lt=2**31, description="Seed of the run: tasks, initial weights and ES noise.")
-    checkpoint_every: int = Field(50, ge=1, description="Write a checkpoint every this many meta-steps.")
-    log_every: int = Field(10, ge=1, description="Log one line every this many meta-steps.")
+    checkpoint_every: int = Field(100, ge=1, description="Write a checkpoint every this many meta-steps.")
+    log_every: int = Field(50, ge=1, description="Log one line every this many meta-steps.")
 
 
 class CsvConfig(FrozenModel):
