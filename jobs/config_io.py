@@ -101,7 +101,7 @@ def dump_config(config: Config) -> str:
 
 
 def describe_fields(model: type[pydantic.BaseModel] = Config, prefix: str = "") -> list[str]:
-    """One line per configuration key: name, default and description."""
+    """List every configuration key as one line: name, default and description."""
     lines = []
     for name, field in model.model_fields.items():
         annotation = field.annotation

@@ -25,7 +25,7 @@ class TaskConfig(FrozenModel):
     )
     num_features: tuple[int, int] = Field((2, 16), description="Inclusive range of the feature count D.")
     num_classes: tuple[int, int] = Field((2, 10), description="Inclusive range of the class count C.")
-    train_size: int = Field(64, ge=2, le=100_000, description="Training samples per task.")
+    train_size: int = Field(32, ge=2, le=100_000, description="Training samples per task.")
     val_size: int = Field(256, ge=2, le=100_000, description="Validation samples per task.")
     test_size: int = Field(1024, ge=2, le=100_000, description="Test samples per task.")
     label_noise: float = Field(
@@ -70,9 +70,6 @@ class InnerConfig(FrozenModel):
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="Momentum coefficient (optimizer=momentum).")
     batch_size: int | None = Field(
         None, ge=1, description="Minibatch size per inner step; null trains full-batch."
-    )
-    eval_every: int = Field(
-        0, ge=0, description="Record validation and test accuracy every this many steps (0: only at the end)."
     )
 
 

@@ -75,7 +75,7 @@ class MetaTrainer:
             **result.metrics,
         }
 
-        # Every worker holds the same reduced gradient, so every worker skips or updates alike.
+        # Every worker has the same reduced gradient, so all of them skip or update alike.
         if not math.isfinite(grad_norm) or not math.isfinite(result.objective):
             metrics["meta/skipped_nonfinite"] = 1.0
         else:
@@ -88,7 +88,7 @@ class MetaTrainer:
         return metrics
 
     def loss_net(self) -> MetaLossNet:
-        """The MLN with the current weights (shares storage with nothing the trainer updates)."""
+        """Return a copy of the MLN with the current weights, sharing no storage with the trainer."""
         net = init_loss_net(self.config)
         self.layout.load_into(net, self.meta_params.detach().cpu())
         return net
