@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 PLACEMENT_NAME = "placement.json"
+ATTEMPTS_NAME = "attempts.jsonl"
 
 
 class TimedAllReduce:
@@ -62,15 +63,22 @@ def _restore(trainer: MetaTrainer) -> list[dict]:
     return history
 
 
-def _write_placement(run_dir: Path, pool: ray.actor.ActorHandle, rank: int, world_size: int) -> None:
-    """Record where every rank and generator runs (rank 0 writes ``placement.json``)."""
-    mine = {"rank": rank, **placement_info()}
-    gathered: list[dict | None] = [None] * world_size
+def _record_attempt(run_dir: Path, pool: ray.actor.ActorHandle, trainer: MetaTrainer) -> None:
+    """Record where every rank and generator runs and the step this attempt starts at.
+
+    Rank 0 rewrites ``placement.json`` and appends one line to
+    ``attempts.jsonl``, so a restart after a failure shows up as a second line.
+    """
+    mine = {"rank": trainer.rank, **placement_info()}
+    gathered: list[dict | None] = [None] * trainer.world_size
     dist.all_gather_object(gathered, mine)
-    if rank != 0:
+    if trainer.rank != 0:
         return
     placement = {"trainers": gathered, "generators": ray.get(pool.placements.remote())}
     atomic_write_text(run_dir / PLACEMENT_NAME, json.dumps(placement, indent=1))
+    attempt = {"start_step": trainer.step, "world_size": trainer.world_size, "pids": [w["pid"] for w in gathered]}
+    with (run_dir / ATTEMPTS_NAME).open("a") as handle:
+        handle.write(json.dumps(attempt) + "\n")
     for worker in gathered:
         logger.info("rank %d runs on node %s (labels %s, pid %d)",
                     worker["rank"], worker["node_id"], worker["labels"], worker["pid"])
@@ -129,7 +137,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # Records of steps after the checkpoint were written by an attempt that
         # failed; those steps run again.
         metrics_log.keep_before(trainer.step)
-    _write_placement(run_dir, pool, rank, world_size)
+    _record_attempt(run_dir, pool, trainer)
 
     feeder = TaskFeeder(pool, config.train.seed, trainer.my_task_indices, trainer.step, total,
                         config.cluster.window, rank)

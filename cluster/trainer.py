@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "training_curves.png"
+POOL_NAME = "generator_pool.json"
 
 # Restarts of the worker group after a worker or node failure, per fit.
 MAX_FAILURES = 3
@@ -76,9 +77,10 @@ def fit_meta_training(
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from cluster.generators import start_pool
+    from cluster.process_group import StoreBoundTorchConfig
     from cluster.train_loop import train_loop_per_worker
 
     root = storage_root(config)
@@ -96,7 +98,7 @@ def fit_meta_training(
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": config.model_dump(mode="json"), "pool": pool, "run_dir": str(run_dir)},
-            torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+            torch_config=StoreBoundTorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
             scaling_config=ScalingConfig(
                 num_workers=cluster.num_workers,
                 use_gpu=cluster.use_gpu,
@@ -110,7 +112,8 @@ def fit_meta_training(
             ),
         )
         result = trainer.fit()
-        stats = ray.get(pool.stats.remote())
+        stats = {**ray.get(pool.stats.remote()), "placements": ray.get(pool.placements.remote())}
+        atomic_write_text(run_dir / POOL_NAME, json.dumps(stats, indent=1))
         logger.info("generator pool: %d generators, %d replaced during the run",
                     stats["generators"], stats["replacements"])
     finally:
