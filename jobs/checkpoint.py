@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -29,11 +27,19 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupted, truncated or incompatible."""
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file with mode 0600; give it the permissions a plain open() would.
+        os.chmod(tmp, 0o666 & ~_process_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -71,14 +77,17 @@ def save_checkpoint(path: str | Path, trainer: MetaTrainer, metrics: list[dict])
 def load_checkpoint(path: str | Path) -> tuple[Config, dict, list[dict]]:
     """Read and validate a checkpoint; return (config, trainer state, metrics history)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint: pass {path / 'checkpoint.pt'}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (pass the checkpoint.pt written by 'mln train')")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - any failure to parse an untrusted file means it is unusable
+        # torch's own message suggests weights_only=False, which would run code from the file: leave it out.
         raise CheckpointError(
-            f"checkpoint {path} is corrupted, truncated or not a checkpoint ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); use another checkpoint or train again"
+            f"checkpoint {path} is corrupted, truncated or not a checkpoint ({type(error).__name__}); "
+            "use another checkpoint or train again"
         ) from None
 
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -92,28 +101,71 @@ def load_checkpoint(path: str | Path) -> tuple[Config, dict, list[dict]]:
         metrics = json.loads(payload["metrics_json"])
         state = payload["trainer"]
         flat = state["meta_params"]
-        step = int(state["step"])
-    except (KeyError, TypeError, json.JSONDecodeError, ConfigError) as error:
+        step = state["step"]
+    except KeyError as error:
+        raise CheckpointError(f"checkpoint {path} is damaged: the entry {error} is missing") from None
+    except (TypeError, json.JSONDecodeError, ConfigError) as error:
         raise CheckpointError(f"checkpoint {path} is incompatible or damaged: {error}") from None
 
     expected = sum(p.numel() for p in init_loss_net(config).parameters())
-    if not isinstance(flat, torch.Tensor) or flat.shape != (expected,) or not torch.isfinite(flat).all():
+    if not isinstance(flat, torch.Tensor) or tuple(flat.shape) != (expected,):
         raise CheckpointError(
-            f"checkpoint {path} holds MLN weights of shape {getattr(flat, 'shape', None)}, "
-            f"expected ({expected},) finite values for its loss_net config"
+            f"checkpoint {path} has MLN weights of shape {tuple(getattr(flat, 'shape', ()))}, "
+            f"but its loss_net config needs ({expected},)"
         )
-    if step < 0 or not isinstance(metrics, list):
-        raise CheckpointError(f"checkpoint {path} has an invalid step {step} or metrics history")
+    if not torch.isfinite(flat).all():
+        raise CheckpointError(f"checkpoint {path} has NaN or infinite MLN weights; use an earlier checkpoint")
+    if not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"checkpoint {path} has an invalid step {step!r}: expected a non-negative integer")
+    if not isinstance(metrics, list):
+        raise CheckpointError(f"checkpoint {path} has a metrics history of type {type(metrics).__name__}, not a list")
     return config, state, metrics
 
 
+# Settings that do not change the trajectory of meta-training, so a resumed run may change them.
+# train.steps may grow to extend a finished run.
+_RESUMABLE_CHANGES = {"eval", "cluster", "train.steps", "train.checkpoint_every", "train.log_every"}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def trajectory_differences(old: Config, new: Config) -> list[str]:
+    """List the settings that differ between two configs and would change meta-training's result."""
+    before, after = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    return [
+        f"{key}: {before[key]!r} in the checkpoint, {after[key]!r} now"
+        for key in before
+        if before[key] != after[key] and key.split(".")[0] not in _RESUMABLE_CHANGES and key not in _RESUMABLE_CHANGES
+    ]
+
+
 def restore_trainer(trainer: MetaTrainer, path: str | Path) -> list[dict]:
-    """Load ``path`` into ``trainer``; the run's config must match the checkpoint's. Return the metrics history."""
+    """Load ``path`` into ``trainer`` and return the metrics history.
+
+    Raises CheckpointError when the run's config differs from the checkpoint's
+    in a setting that changes the result (anything but eval, cluster and the
+    step counts and intervals of ``train``).
+    """
     config, state, metrics = load_checkpoint(path)
-    if config.model_dump(exclude={"eval"}) != trainer.config.model_dump(exclude={"eval"}):
+    differences = trajectory_differences(config, trainer.config)
+    if differences:
         raise CheckpointError(
-            f"checkpoint {path} was written with a different configuration; resume with the same config "
-            "or start a new run directory"
+            f"cannot resume from {path}: these settings differ from the checkpoint's ("
+            + "; ".join(differences)
+            + "). Use the checkpoint's values (see 'mln config --checkpoint') or a new --run-dir"
+        )
+    if state["step"] > trainer.config.train.steps:
+        raise CheckpointError(
+            f"checkpoint {path} is at step {state['step']}, beyond train.steps={trainer.config.train.steps}: "
+            "raise train.steps or use a new --run-dir"
         )
     trainer.load_state_dict(state)
     return metrics

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from jobs.checkpoint import CheckpointError, load_checkpoint, loss_net_from_state
+from jobs.checkpoint import load_checkpoint, loss_net_from_state
 from jobs.config_io import (
     ConfigError,
     config_from_dict,
@@ -18,6 +18,7 @@ from jobs.config_io import (
 )
 from jobs.local import CHECKPOINT_NAME
 from mln_core.config import Config
+from mln_core.meta_train import NonFiniteMetaGradientError
 
 logger = logging.getLogger("mln")
 
@@ -25,6 +26,9 @@ DEFAULT_RUN_DIR = "runs/default"
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    # Accept -v after the command too; SUPPRESS keeps a subcommand from resetting a -v given before it.
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="Log debug messages and show tracebacks of errors.")
     parser.add_argument("--config", metavar="FILE", help="YAML configuration file (sections as in 'mln config').")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -62,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="Print the resolved configuration as YAML.")
     _add_config_options(config)
-    config.add_argument("--describe", action="store_true", help="List every key with its default and meaning.")
+    config.add_argument("--describe", action="store_true", help="List every key with its type, default and meaning.")
+    config.add_argument("--checkpoint", help="Print the configuration saved in this checkpoint instead.")
     return parser
 
 
@@ -78,9 +83,21 @@ def _evaluate_and_report(config: Config, net, out_dir: Path, ray_address: str | 
     logger.info("report written to %s", out_dir / "report.md")
 
 
+def _check_csv_tables(config: Config) -> None:
+    """Load every configured CSV table once, so a bad table fails before minutes of training."""
+    from jobs.data import load_csv
+
+    for table in config.eval.csv:
+        load_csv(table)
+
+
 def command_train(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir} is a file: pass a folder")
+    if not args.no_eval:
+        _check_csv_tables(config)
     if args.ray is not None:
         from cluster.trainer import run_on_ray
 
@@ -116,6 +133,9 @@ def command_evaluate(args: argparse.Namespace) -> None:
 
 
 def command_config(args: argparse.Namespace) -> None:
+    if args.checkpoint:
+        print(dump_config(load_checkpoint(args.checkpoint)[0]), end="")
+        return
     if args.describe:
         print("\n".join(describe_fields()))
         return
@@ -132,11 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": command_train, "evaluate": command_evaluate, "config": command_config}
     try:
         handlers[args.command](args)
-    except (ConfigError, CheckpointError) as error:
+    except (ValueError, OSError, NonFiniteMetaGradientError) as error:
+        # ConfigError, CheckpointError and the data loaders' errors are ValueErrors with a full message.
+        if args.verbose:
+            raise
         print(f"mln: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("mln: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        hint = "; rerun the same command to resume from the last checkpoint" if args.command == "train" else ""
+        print(f"mln: interrupted{hint}", file=sys.stderr)
         return 130
     return 0
 

@@ -46,7 +46,8 @@ def describe_validation_error(error: pydantic.ValidationError) -> str:
         elif "input" in item and item["type"] != "value_error":
             lines.append(f"{location}={item['input']!r}: {item['msg']}")
         else:
-            lines.append(f"{location}: {item['msg'].removeprefix('Value error, ')}")
+            # Cross-field checks name their fields in the message itself.
+            lines.append(item["msg"].removeprefix("Value error, "))
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
@@ -100,6 +101,11 @@ def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
+def _describe_type(annotation: object) -> str:
+    text = str(annotation) if not isinstance(annotation, type) else annotation.__name__
+    return text.replace("typing.", "").replace("NoneType", "None")
+
+
 def describe_fields(model: type[pydantic.BaseModel] = Config, prefix: str = "") -> list[str]:
     """List every configuration key as one line: name, default and description."""
     lines = []
@@ -108,6 +114,13 @@ def describe_fields(model: type[pydantic.BaseModel] = Config, prefix: str = "") 
         if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
             lines += describe_fields(annotation, f"{prefix}{name}.")
             continue
-        default = field.default
-        lines.append(f"{prefix}{name} = {default!r}  # {field.description or ''}")
+        allowed = _describe_type(annotation)
+        bounds = " ".join(
+            f"{op}{getattr(item, attr)}"
+            for item in field.metadata
+            for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "min length "))
+            if getattr(item, attr, None) is not None
+        )
+        detail = ", ".join(part for part in (allowed, bounds) if part)
+        lines.append(f"{prefix}{name} = {field.default!r}  # {field.description or ''} [{detail}]")
     return lines

@@ -277,8 +277,8 @@ def _fill_missing(frame: pd.DataFrame, impute: str | None, path: Path) -> pd.Dat
     described = ", ".join(f"{name!r} ({_count_rows(count)})" for name, count in missing_counts.items())
     if impute is None:
         raise ValueError(
-            f"{path}: missing values in columns {described}. Set impute to mean, median or most_frequent "
-            "to fill them, or drop those columns"
+            f"{path}: missing values in columns {described}. Pass --impute mean, median or most_frequent "
+            "(impute in an eval.csv entry) to fill them, or drop those columns with --drop"
         )
 
     filled = frame.copy()
@@ -447,7 +447,7 @@ def _check_split_counts(
     ]
     if empty:
         raise ValueError(
-            f"table {table.name!r}: val_fraction={val_fraction} and test_fraction={test_fraction} leave "
+            f"table {table.name!r}: eval.val_fraction={val_fraction} and eval.test_fraction={test_fraction} leave "
             f"classes {', '.join(empty)} without a row in some split. Every class needs at least one row "
             "in each split: change the fractions or add rows of those classes"
         )

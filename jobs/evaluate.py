@@ -18,17 +18,15 @@ tasks are not the training tasks.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import io
 import datetime
 import hashlib
 import json
 import logging
 import math
-import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -39,6 +37,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from jobs.checkpoint import atomic_write_bytes
 from jobs.data import Table, load_csv, load_sklearn_dataset, table_tasks
 from mln_core.config import Config, EvalConfig, InnerConfig
 from mln_core.evaluation import (
@@ -603,13 +602,6 @@ def _write_figure(path: Path, figure: Figure) -> None:
 
 
 def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write ``path`` through a temporary file in the same folder, so readers never see a partial file."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    buffer = io.BytesIO()
+    write(buffer)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -40,6 +40,9 @@ def run_local(config: Config, run_dir: str | Path, stop_after: int | None = None
     else:
         metrics_log.keep_before(0)
     total = config.train.steps
+    if trainer.step >= total:
+        logger.info("run in %s already finished %d of %d steps; raise train.steps to continue", run_dir, trainer.step, total)
+        return trainer
     logger.info(
         "meta-training %d steps of %d tasks with the %s estimator (MLN of %d weights) in %s",
         total, config.train.tasks_per_step, config.estimator.kind, trainer.layout.numel, run_dir,

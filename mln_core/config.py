@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class FrozenModel(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class TaskConfig(FrozenModel):
@@ -114,7 +114,8 @@ class EstimatorConfig(FrozenModel):
     def _check_differentiable(self) -> EstimatorConfig:
         if self.kind == "backprop" and self.objective == "val_error":
             raise ValueError(
-                "estimator.objective=val_error is not differentiable: use estimator.kind=es or objective=val_ce"
+                "estimator.objective=val_error is not differentiable: use estimator.kind=es "
+                "or estimator.objective=val_ce"
             )
         return self
 
@@ -159,12 +160,23 @@ class EvalConfig(FrozenModel):
     )
     steps: int | None = Field(None, ge=1, description="Inner steps at evaluation; null uses inner.steps.")
     classifiers: tuple[Literal["linear", "mlp"], ...] = Field(
-        ("linear", "mlp"), description="Classifiers trained with each loss."
+        ("linear", "mlp"), min_length=1, description="Classifiers trained with each loss."
     )
     csv: tuple[CsvConfig, ...] = Field((), description="User CSV tables to evaluate on.")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of a real table's rows used for validation.")
     test_fraction: float = Field(0.3, gt=0.0, lt=1.0, description="Share of a real table's rows used for testing.")
     curve_points: int = Field(10, ge=1, le=1000, description="Points on each learning curve.")
+
+    @model_validator(mode="after")
+    def _check_eval(self) -> EvalConfig:
+        if not self.lr_grid or min(self.lr_grid) <= 0:
+            raise ValueError(f"eval.lr_grid={list(self.lr_grid)} is invalid: give one or more positive learning rates")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"eval.val_fraction={self.val_fraction} plus eval.test_fraction={self.test_fraction} is at least 1, "
+                "which leaves no training rows: lower one of them"
+            )
+        return self
 
 
 class ClusterConfig(FrozenModel):

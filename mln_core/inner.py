@@ -59,8 +59,11 @@ def _update(config: InnerConfig, lr: float, params: Params, grads: Params, state
     first = {k: beta1 * state.get(("m", k), 0.0) + (1 - beta1) * grads[k] for k in params}
     second = {k: beta2 * state.get(("v", k), 0.0) + (1 - beta2) * grads[k] ** 2 for k in params}
     correction1, correction2 = 1 - beta1 ** (step + 1), 1 - beta2 ** (step + 1)
+    # eps goes inside the square root: weights of padded features and classes have
+    # zero gradients, and sqrt's derivative at 0 would make the meta-gradient NaN.
     new_params = {
-        k: params[k] - lr * (first[k] / correction1) / ((second[k] / correction2).sqrt() + _ADAM_EPS) for k in params
+        k: params[k] - lr * (first[k] / correction1) / torch.sqrt(second[k] / correction2 + _ADAM_EPS**2)
+        for k in params
     }
     return new_params, {**{("m", k): v for k, v in first.items()}, **{("v", k): v for k, v in second.items()}}
 

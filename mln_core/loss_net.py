@@ -62,7 +62,7 @@ class MetaLossNet(nn.Module):
             x = torch.sigmoid(nn.functional.linear(x, 2.0 * weight, 2.0 * bias))
             # The next layer sees 2 s - 1 instead of s: scale its weight, shift its bias.
             weight, bias = 2.0 * layer.weight, layer.bias - layer.weight.sum(-1)
-        return nn.functional.linear(x, weight, bias).reshape(*leading, -1)
+        return nn.functional.linear(x, weight, bias).reshape(*leading, weight.shape[0])
 
     def forward(self, prob: torch.Tensor, target: torch.Tensor, class_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Return the loss of each sample: ``prob`` and one-hot ``target`` are ``[..., C]``, the result ``[...]``."""
@@ -144,10 +144,20 @@ class MetaLoss(nn.Module):
                 f"expected logits [N, C] and target [N], got {tuple(logits.shape)} and {tuple(target.shape)}"
             )
         if target.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"target must hold class indices (int64), got dtype {target.dtype}")
-        prob = torch.softmax(logits, dim=-1)
-        onehot = onehot_targets(target.long(), logits.shape[-1], logits.dtype)
-        losses = self.net(prob, onehot)
+            raise TypeError(f"target must contain class indices (int64), got dtype {target.dtype}")
+        num_classes = logits.shape[1]
+        if num_classes < 2:
+            raise ValueError(f"logits have {num_classes} class; the MLN needs at least 2")
+        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+            raise ValueError(
+                f"target contains class indices outside [0, {num_classes - 1}] (min {int(target.min())}, "
+                f"max {int(target.max())}); ignore_index is not supported, so drop those samples first"
+            )
+        # The MLN's weights set the compute dtype; the loss comes back in the logits' dtype.
+        weight_dtype = next(self.net.parameters()).dtype
+        prob = torch.softmax(logits.to(weight_dtype), dim=-1)
+        onehot = onehot_targets(target.long(), num_classes, weight_dtype)
+        losses = self.net(prob, onehot).to(logits.dtype)
         if self.reduction == "mean":
             return losses.mean()
         if self.reduction == "sum":

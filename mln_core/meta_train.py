@@ -16,6 +16,12 @@ from mln_core.estimators import Reduce, local_sum, make_estimator
 from mln_core.loss_net import MetaLossNet, ParamLayout
 from mln_core.tasks import TaskBatch, generate_tasks
 
+MAX_CONSECUTIVE_SKIPS = 10
+
+
+class NonFiniteMetaGradientError(RuntimeError):
+    """Raised when meta-gradients stay non-finite for MAX_CONSECUTIVE_SKIPS steps in a row."""
+
 
 def init_loss_net(config: Config) -> MetaLossNet:
     """Build the MLN with weights drawn from ``train.seed``, leaving the global RNG untouched."""
@@ -55,6 +61,7 @@ class MetaTrainer:
         self.optimizer = torch.optim.Adam([self.meta_params], lr=config.train.lr)
         self.estimator = make_estimator(config, self.net, self.layout, rank, world_size)
         self.step = 0
+        self.consecutive_skips = 0
 
     def my_task_indices(self, step: int | None = None) -> range:
         step = self.step if step is None else step
@@ -78,7 +85,14 @@ class MetaTrainer:
         # Every worker has the same reduced gradient, so all of them skip or update alike.
         if not math.isfinite(grad_norm) or not math.isfinite(result.objective):
             metrics["meta/skipped_nonfinite"] = 1.0
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                raise NonFiniteMetaGradientError(
+                    f"the meta-gradient was non-finite for {self.consecutive_skips} steps in a row (last at step "
+                    f"{self.step}): lower inner.lr or train.lr, or change inner.optimizer"
+                )
         else:
+            self.consecutive_skips = 0
             scale = min(1.0, self.config.train.grad_clip / (grad_norm + 1e-12))
             self.meta_params.grad = result.gradient * scale
             self.optimizer.step()

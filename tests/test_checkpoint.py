@@ -122,7 +122,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_resume_with_other_config_rejected(tmp_path):
     run_local(tiny_config("train.steps=2"), tmp_path)
-    with pytest.raises(CheckpointError, match="different configuration"):
+    with pytest.raises(CheckpointError, match="settings differ"):
         run_local(tiny_config("train.steps=2", "inner.lr=0.9"), tmp_path)
 
 
