@@ -900,3 +900,29 @@ def test_loopback_cluster_rejects_wrong_token(loopback_cluster: LoopbackCluster,
 
     assert result.returncode != 0
     assert "token is invalid" in result.stdout + result.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_meta_training_job_runs_on_entrypoint_topology(loopback_cluster: LoopbackCluster) -> None:
+    """The Compose topology, started by the entrypoint outside containers, runs a short job to the end."""
+    run_dir = loopback_cluster.root / "runs" / "topology"
+    storage = loopback_cluster.root / "ray-storage"
+    tiny = [
+        "loss_net.hidden_width=8", "tasks.num_features=[2,4]", "tasks.num_classes=[2,3]", "tasks.train_size=16",
+        "tasks.val_size=16", "tasks.test_size=16", "inner.steps=3", "train.tasks_per_step=4", "train.steps=3",
+        "train.checkpoint_every=3", "cluster.generator_label=gen", f"cluster.storage_path={storage}",
+    ]
+    entrypoint = [sys.executable, "-m", "jobs.train", "--run-dir", str(run_dir), "--trainer-label", "train"]
+    entrypoint += [arg for item in tiny for arg in ("--set", item)]
+
+    result = submit_job(loopback_cluster, entrypoint, working_dir=REPO_ROOT, timeout_s=540)
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (run_dir / "checkpoint.pt").is_file()
+    assert (run_dir / "metrics.jsonl").read_text().count("\n") == 3
+    placements = list(storage.rglob("placement.json"))
+    assert placements, f"no placement.json under {storage}"
+    placement = json.loads(placements[0].read_text())
+    assert {w["labels"].get("role") for w in placement["trainers"]} == {"train"}
+    assert {g["labels"].get("role") for g in placement["generators"]} == {"gen"}
