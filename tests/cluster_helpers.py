@@ -98,22 +98,33 @@ def latest_step(metrics_path: Path) -> int:
     return max((int(r["meta/step"]) for r in read_jsonl(metrics_path)), default=-1)
 
 
+def latest_checkpointed_step(storage_run: Path) -> int:
+    """Steps done at the latest checkpoint that Ray Train registered for a run, 0 when none."""
+    try:
+        snapshot = json.loads((storage_run / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return 0  # not written yet, or being written
+    return max((int(r["metrics"]["meta/steps_done"]) for r in snapshot["checkpoint_results"]), default=0)
+
+
 @dataclass
 class Kill:
-    """What a ``KillWhen`` thread did: the pid it killed and the step it saw first."""
+    """What a ``KillWhen`` thread did: the pid it killed and the run's progress just before."""
 
     pid: int | None = None
-    seen_step: int | None = None
+    seen_step: int | None = None  # latest meta/step in metrics.jsonl
+    checkpointed_step: int | None = None  # steps done at the latest registered checkpoint
     snapshot: object = None  # what ``before_kill`` returned
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
 
 class KillWhen(threading.Thread):
-    """Send SIGKILL to ``choose_pid(run_dir)`` once ``run_dir/metrics.jsonl`` reaches ``step``.
+    """Send SIGKILL to ``choose_pid(run_dir)`` once the run has ``step`` steps in metrics.jsonl.
 
-    A run must be long enough that it is still going when the kill lands; the
-    test checks ``kill.seen_step`` against the run length to make sure.
+    With ``checkpointed`` set, also wait until Ray Train has registered a
+    checkpoint of at least that many steps. A run must be long enough that it
+    is still going when the kill lands; tests check ``kill.seen_step``.
     """
 
     def __init__(
@@ -121,11 +132,13 @@ class KillWhen(threading.Thread):
         run_dir: Path,
         step: int,
         choose_pid: Callable[[Path], int],
+        checkpointed: int = 0,
         before_kill: Callable[[], object] | None = None,
         timeout_s: float = 240,
     ) -> None:
         super().__init__(daemon=True)
         self.run_dir, self.step, self.choose_pid, self.timeout_s = run_dir, step, choose_pid, timeout_s
+        self.checkpointed = checkpointed
         self.before_kill = before_kill
         self.kill = Kill()
 
@@ -134,15 +147,19 @@ class KillWhen(threading.Thread):
         try:
             while time.monotonic() < deadline:
                 seen = latest_step(self.run_dir / "metrics.jsonl")
-                if seen >= self.step:
+                checkpointed = latest_checkpointed_step(self.run_dir)
+                if seen >= self.step and checkpointed >= self.checkpointed:
                     if self.before_kill is not None:
                         self.kill.snapshot = self.before_kill()
                     pid = self.choose_pid(self.run_dir)
                     os.kill(pid, signal.SIGKILL)
-                    self.kill.pid, self.kill.seen_step = pid, seen
+                    self.kill.pid, self.kill.seen_step, self.kill.checkpointed_step = pid, seen, checkpointed
                     return
                 time.sleep(0.02)
-            self.kill.error = f"metrics never reached step {self.step} within {self.timeout_s} s"
+            self.kill.error = (
+                f"run never reached step {self.step} with a checkpoint of {self.checkpointed} steps "
+                f"within {self.timeout_s} s"
+            )
         except Exception as error:  # reported by the test, which runs in another thread
             self.kill.error = f"{type(error).__name__}: {error}"
         finally:

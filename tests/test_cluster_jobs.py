@@ -21,6 +21,7 @@ from jobs.checkpoint import load_checkpoint
 from tests.cluster_helpers import (
     REPO_ROOT,
     NodeCluster,
+    latest_checkpointed_step,
     latest_step,
     listening_sockets,
     non_loopback,
@@ -67,11 +68,6 @@ def job_logs(cluster: NodeCluster, submission_id: str) -> str:
 
 def job_status(cluster: NodeCluster, submission_id: str) -> str:
     return ray_cli(cluster, "job", "status", "--address", cluster.dashboard_url, submission_id).stdout
-
-
-def latest_checkpointed_step(storage_run: Path) -> int:
-    snapshot = json.loads((storage_run / "checkpoint_manager_snapshot.json").read_text())
-    return max(int(result["metrics"]["meta/steps_done"]) for result in snapshot["checkpoint_results"])
 
 
 @pytest.fixture(scope="module")

@@ -34,17 +34,20 @@ pytestmark = pytest.mark.ray
 # another order than one process. After the 4 SHORT steps its MLN differed
 # from the in-process one by at most 2.9e-6 (absolute) and 1.3e-4 (relative,
 # on a weight near zero); a 1-worker run was bit-identical. Adam amplifies
-# such differences (2.7e-3 absolute after the 120 LONG steps), so long runs
+# such differences (2.7e-3 absolute after 120 steps of LONG), so long runs
 # are compared with ranks emulated as threads, which add in Ray's order and
 # match bit for bit.
 RTOL, ATOL = 1e-4, 1e-5
 
 SHORT = ("train.steps=4", "train.checkpoint_every=2", "train.log_every=2")
-# Long enough (about 4 s of stepping) that a process killed at step KILL_AT dies mid-run.
+# Long enough (6-8 s of stepping on 2 cores) that a process killed at step
+# KILL_AT, or once Ray Train has registered the first checkpoint (which took
+# it up to 3 s), dies mid-run.
+LONG_STEPS = 200
 LONG = (
     "inner.steps=20",
     "tasks.train_size=64",
-    "train.steps=120",
+    f"train.steps={LONG_STEPS}",
     "train.checkpoint_every=20",
     "train.log_every=20",
     "cluster.num_workers=2",
@@ -140,13 +143,14 @@ def long_runs(local_ray, tmp_path_factory) -> dict[str, object]:
     config = ray_config(root / "storage", *LONG)
     results: dict[str, object] = {"threads": data_parallel_in_threads(config, world_size=2)}
 
-    for name, choose_pid in (
-        ("generator_killed", generator_pid),
-        ("worker_killed", lambda run_dir: trainer_pid(run_dir, rank=1)),
+    # The generator dies at step KILL_AT; the training worker once a checkpoint is registered to restart from.
+    for name, choose_pid, checkpointed in (
+        ("generator_killed", generator_pid, 0),
+        ("worker_killed", lambda run_dir: trainer_pid(run_dir, rank=1), 20),
     ):
         # The listeners of every process of the cluster, taken while training workers and generators run.
         snapshot = lambda: listening_sockets(local_ray.ray_pids())  # noqa: E731
-        killer = KillWhen(storage_root(config) / name, KILL_AT, choose_pid, before_kill=snapshot)
+        killer = KillWhen(storage_root(config) / name, KILL_AT, choose_pid, checkpointed, before_kill=snapshot)
         killer.start()
         run_on_ray(config, root / name, run_name=name)
         killer.kill.done.wait(timeout=10)
@@ -161,7 +165,7 @@ def test_generator_kill_landed_mid_run(long_runs: dict) -> None:
     kill = long_runs["generator_killed/kill"]
 
     assert kill.error is None
-    assert KILL_AT <= kill.seen_step < 100
+    assert KILL_AT <= kill.seen_step < LONG_STEPS - 20
 
 
 @pytest.mark.timeout(420)
@@ -172,7 +176,7 @@ def test_killed_generator_is_replaced(long_runs: dict) -> None:
     assert pool["replacements"] >= 1
     assert long_runs["generator_killed/kill"].pid not in [p["pid"] for p in pool["placements"]]
     assert any(r["gen/attempts"] > 1 for r in records)
-    assert [r["meta/step"] for r in records] == [float(step) for step in range(120)]
+    assert [r["meta/step"] for r in records] == [float(step) for step in range(LONG_STEPS)]
 
 
 @pytest.mark.timeout(420)
@@ -186,12 +190,14 @@ def test_worker_kill_restarts_from_checkpoint(long_runs: dict) -> None:
     attempts = read_jsonl(long_runs["worker_killed/storage"] / "attempts.jsonl")
 
     assert kill.error is None
-    assert KILL_AT <= kill.seen_step < 100
+    assert KILL_AT <= kill.seen_step < LONG_STEPS - 20
     assert len(attempts) == 2
     assert attempts[0]["start_step"] == 0
-    # The second attempt starts at a checkpoint (every 20 steps), at the latest one before the kill or later.
+    # The restart begins at the latest registered checkpoint: the one seen before the kill, or a later
+    # one that was registered while the group was being torn down.
+    assert attempts[1]["start_step"] >= kill.checkpointed_step >= 20
     assert attempts[1]["start_step"] % 20 == 0
-    assert attempts[1]["start_step"] >= max(20, 20 * ((kill.seen_step + 1) // 20))
+    assert attempts[1]["start_step"] <= kill.seen_step + 2
     assert kill.pid not in attempts[1]["pids"]
 
 
@@ -202,7 +208,7 @@ def test_worker_kill_matches_uninterrupted(long_runs: dict) -> None:
 
     # Same world size and summation order as the thread ranks, so the restarted run is bit-identical.
     assert torch.equal(interrupted, long_runs["threads"])
-    assert [r["meta/step"] for r in records] == [float(step) for step in range(120)]
+    assert [r["meta/step"] for r in records] == [float(step) for step in range(LONG_STEPS)]
 
 
 @pytest.mark.timeout(420)
