@@ -2,8 +2,8 @@
 
 Tasks are a pure function of (TaskConfig, seed, task index), so any generator
 can produce any request and a request lost with a dead actor is simply sent
-again. A ``GeneratorPool`` actor owns the generators and replaces dead ones;
-each training rank holds a ``TaskFeeder`` that sends one request per meta-step
+again. A ``GeneratorPool`` actor owns the generators and replaces dead ones.
+Each training rank has a ``TaskFeeder``, which sends one request per meta-step
 (that rank's task indices) round-robin over the generators and keeps at most
 ``cluster.window`` requests outstanding. The window is the backpressure:
 generators never run more than ``window`` steps ahead of the trainer that
@@ -30,7 +30,7 @@ from mln_core.tasks import TaskBatch, generate_tasks
 
 logger = logging.getLogger(__name__)
 
-# How often a feeder asks for a replacement before it gives up on a request.
+# Requests of one batch to dead generators before the feeder raises.
 MAX_REQUEST_ATTEMPTS = 5
 
 
@@ -195,7 +195,6 @@ class TaskFeeder:
         self.slot_offset = rank
         self.next_step = start_step
         self.pending: collections.deque[_Request] = collections.deque()
-        self.retries = 0
         self._fill()
 
     def _send(self, request: _Request) -> None:
@@ -226,7 +225,6 @@ class TaskFeeder:
                 self._send(request)
                 request.attempts += 1
                 resent += 1
-        self.retries += resent
         logger.warning(
             "step %d: generator %d (generation %d) failed with %s; resent %d requests to its replacement",
             failed.step, failed.slot, dead_generation, type(error).__name__, resent,

@@ -54,10 +54,17 @@ def require_token_auth() -> None:
             "unset RAY_AUTH_MODE or set it to token"
         )
     os.environ["RAY_AUTH_MODE"] = "token"
+    if "ray" in sys.modules and mode is None:
+        # Ray caches its settings, the authentication mode included, when it is
+        # imported; re-read them as Ray's own token set-up does.
+        # NOTE: Config.initialize is not public API (checked with Ray 2.60).
+        from ray._raylet import Config
+
+        Config.initialize("")
 
 
 def is_local_address(address: str | None) -> bool:
-    """Whether ``address`` asks for a new single-node cluster (None or "local")."""
+    """Whether ``address`` requests a new single-node cluster (None or "local")."""
     return address is None or address == "local"
 
 

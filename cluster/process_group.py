@@ -5,8 +5,8 @@ Ray Train's default ``TorchConfig`` rendezvous goes through
 on every interface of the host (torch 2.13 binds the wildcard address). That
 defeats a cluster kept on 127.0.0.1, and elsewhere it exposes an
 unauthenticated port on every network of the training node. Here rank 0 binds
-the store's socket to its Ray node IP and hands the socket to ``TCPStore``
-(``master_listen_fd``); the other ranks connect to that address. On a node
+the store's socket to its Ray node IP and passes the socket to ``TCPStore``
+(``master_listen_fd``). The other ranks connect to that address. On a node
 whose IP is 127.0.0.1, gloo is also pinned to the loopback interface.
 
 ``StoreBoundTorchConfig`` is a drop-in ``TorchConfig`` for ``TorchTrainer``.
@@ -60,7 +60,7 @@ def _init_process_group(
 ) -> None:
     timeout = datetime.timedelta(seconds=timeout_s)
     if address == "127.0.0.1" and backend == "gloo":
-        # gloo picks the interface that the host name resolves to unless told otherwise.
+        # Without GLOO_SOCKET_IFNAME, gloo uses the interface that the host name resolves to.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     store = _server_store if world_rank == 0 else dist.TCPStore(address, port, is_master=False, timeout=timeout)
     dist.init_process_group(backend, store=store, rank=world_rank, world_size=world_size, timeout=timeout)

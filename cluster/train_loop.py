@@ -1,10 +1,10 @@
 """The Ray Train worker loop: one ``MetaTrainer`` per rank, tasks from the generator pool, a hand-made all-reduce.
 
 Every rank runs ``train_loop_per_worker``. The model is not wrapped in DDP
-(``prepare_model``): ``torch.func`` transforms do not compose with DDP's
-hooks, and the estimators already sum their gradient, objective and counts
-in one flat tensor, so a single ``torch.distributed.all_reduce`` per step is
-all the synchronisation there is. ``ray.train.report`` is a barrier, so every
+(``prepare_model``), because ``torch.func`` transforms do not compose with
+DDP's hooks. The estimators already sum their gradient, objective and counts
+in one flat tensor, so one ``torch.distributed.all_reduce`` per step is all
+the synchronisation there is. ``ray.train.report`` is a barrier, so every
 rank calls it at the same steps; only rank 0 passes a checkpoint.
 """
 
@@ -88,8 +88,8 @@ def _step_record(
     metrics: dict, config: Config, step: int, fed_wait_s: float, allreduce_s: float, step_s: float,
     ready_in_window: int, attempts: int, nbytes: int, world_size: int,
 ) -> dict:
-    # The feeder checked that each rank's batch holds exactly its share, so the
-    # step used the whole range [step T, (step + 1) T) of the task stream.
+    # The feeder checked that each rank's batch contains exactly its share, so
+    # the step used the whole range [step T, (step + 1) T) of the task stream.
     used = task_share(config, step)
     return {
         **metrics,

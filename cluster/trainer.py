@@ -1,10 +1,10 @@
 """Distributed meta-training with Ray Train: the driver side.
 
-``run_on_ray`` is what ``mln train --ray`` calls: it connects to Ray (or
-starts a single-node cluster on 127.0.0.1), starts the generator pool, runs a
-``TorchTrainer`` whose workers execute ``cluster.train_loop``, and copies the
-final checkpoint, the metrics and the training curves into the run folder in
-the same layout as the in-process driver, so ``mln evaluate`` reads either.
+``mln train --ray`` calls ``run_on_ray``. It connects to Ray (or starts a
+single-node cluster on 127.0.0.1), starts the generator pool and runs a
+``TorchTrainer`` whose workers execute ``cluster.train_loop``. At the end it
+copies the final checkpoint, the metrics and the training curves into the run
+folder in the in-process driver's layout, so ``mln evaluate`` reads either.
 
 Ray Train keeps the run under ``<cluster.storage_path>/<run name>``: the
 checkpoints it reported (listed in ``checkpoint_manager_snapshot.json``), the

@@ -181,9 +181,9 @@ def trainer_pid(run_dir: Path, rank: int) -> int:
 def data_parallel_in_threads(config, world_size: int) -> torch.Tensor:
     """Final MLN weights of ``world_size`` ranks run as threads of this process, summed as an all-reduce.
 
-    Each rank is a ``MetaTrainer`` on its own task share; ``reduce`` adds the
-    ranks' tensors in rank order, as gloo does, with one intra-op thread per
-    rank as in a 1-CPU Ray worker. This reproduces a Ray run of the same world
+    Each rank is a ``MetaTrainer`` on its own task share. ``reduce`` adds the
+    ranks' tensors in rank order, as gloo does, and each rank uses one
+    intra-op thread, as a 1-CPU Ray worker does. This reproduces a Ray run of the same world
     size bit for bit, which a single-process run cannot: it sums in another order.
     """
     from mln_core.meta_train import MetaTrainer
@@ -200,7 +200,7 @@ def data_parallel_in_threads(config, world_size: int) -> torch.Tensor:
             total = shares[0].clone()
             for share in shares[1:]:
                 total += share
-            barrier.wait()  # nobody overwrites a share before every rank has summed
+            barrier.wait()  # no rank overwrites its share before every rank has summed
             return total
 
         return reduce
@@ -309,6 +309,7 @@ def start_node_cluster(root: Path, token_path: Path, gen_cpus: int = 1, train_cp
         "MLN_TEMP_DIR": str(root / "ray"),
         "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
     }
+
     gcs_port, dashboard_port = free_port(), free_port()
     gcs_address = f"127.0.0.1:{gcs_port}"
     cluster = NodeCluster(
@@ -317,6 +318,7 @@ def start_node_cluster(root: Path, token_path: Path, gen_cpus: int = 1, train_cp
         dashboard_url=f"http://127.0.0.1:{dashboard_port}",
         client_env={**base_env, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
     )
+
     role_env = {
         "head": {"MLN_GCS_PORT": str(gcs_port), "MLN_DASHBOARD_PORT": str(dashboard_port)},
         "cpu-worker": {"MLN_HEAD_ADDRESS": gcs_address, "MLN_NUM_CPUS": str(gen_cpus)},
@@ -324,6 +326,8 @@ def start_node_cluster(root: Path, token_path: Path, gen_cpus: int = 1, train_cp
     }
     # Ray's client server defaults to port 10001, which another cluster on this host may hold.
     flags = {"head": [f"--ray-client-server-port={free_port()}"], "cpu-worker": [], "gpu-worker": []}
+
+    # One node at a time, so that no start competes with another for the CPUs.
     try:
         for role, env in role_env.items():
             _start_node(cluster, role, {**base_env, **env, "MLN_DASHBOARD_AGENT_PORT": str(free_port())}, flags[role])

@@ -3,8 +3,8 @@
 The nodes are separate ``ray start`` processes started by the project's node
 entrypoint: a head with 0 CPUs, a generator node labelled role=gen and a
 training node labelled role=train. One short job checks the run folder, the
-job log and where generators and trainers ran; a longer job is stopped and
-submitted again to check that it resumes from storage. A job costs about a
+job log and where generators and trainers ran. A longer job is stopped and
+submitted again, which must resume from storage. A job costs about a
 minute on 2 cores.
 """
 

@@ -1,8 +1,8 @@
 """Distributed meta-training on a single-node Ray cluster: same results as in-process, and fault tolerance.
 
-Each ``TorchTrainer.fit()`` costs 20-40 s on 2 cores, so the module runs five
-fits in all, shares them through module fixtures and checks several things
-on each.
+Each ``TorchTrainer.fit()`` costs 20-40 s on 2 cores, so the module runs four
+fits in all and shares them through module fixtures, with several checks on
+each.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.ray
 # A 2-worker run sums each rank's share of the meta-gradient, so it adds in
 # another order than one process. After the 4 SHORT steps its MLN differed
 # from the in-process one by at most 2.9e-6 (absolute) and 1.3e-4 (relative,
-# on a weight near zero); a 1-worker run was bit-identical. Adam amplifies
+# on a weight near zero). A 1-worker run was bit-identical. Adam amplifies
 # such differences (2.7e-3 absolute after 120 steps of LONG), so long runs
 # are compared with ranks emulated as threads, which add in Ray's order and
 # match bit for bit.
@@ -41,8 +41,8 @@ RTOL, ATOL = 1e-4, 1e-5
 
 SHORT = ("train.steps=4", "train.checkpoint_every=2", "train.log_every=2")
 # Long enough (6-8 s of stepping on 2 cores) that a process killed at step
-# KILL_AT, or once Ray Train has registered the first checkpoint (which took
-# it up to 3 s), dies mid-run.
+# KILL_AT, or once Ray Train has registered the first checkpoint (its
+# controller polls every 2 s), dies mid-run.
 LONG_STEPS = 200
 LONG = (
     "inner.steps=20",
