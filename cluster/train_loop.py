@@ -45,9 +45,15 @@ class TimedAllReduce:
         self.seconds = 0.0
 
     def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        # NCCL runs asynchronously to the host, so time it between synchronisations.
+        # NOTE: the GPU path has not been run; no GPU was available during development.
+        if values.is_cuda:
+            torch.cuda.synchronize(values.device)
         started = time.perf_counter()
         summed = values.detach().clone()
         dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        if values.is_cuda:
+            torch.cuda.synchronize(values.device)
         self.seconds += time.perf_counter() - started
         return summed
 
