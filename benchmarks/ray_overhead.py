@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import shutil
 import statistics
 import tempfile
 import time
@@ -146,10 +147,13 @@ def main() -> None:
     from cluster.local_cluster import ray_session
     from cluster.trainer import required_cpus
 
-    with ray_session(None, num_cpus=max(required_cpus(config), os.cpu_count() or 1)):
-        remote, fit_s, records = ray_rate(config)
-        first_s, window_s, batch_bytes = window_stream(config, config.cluster.window)
-        queue_first_s, queue_s = queue_stream(config, config.cluster.window)
+    try:
+        with ray_session(None, num_cpus=max(required_cpus(config), os.cpu_count() or 1)):
+            remote, fit_s, records = ray_rate(config)
+            first_s, window_s, batch_bytes = window_stream(config, config.cluster.window)
+            queue_first_s, queue_s = queue_stream(config, config.cluster.window)
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
     local_after = in_process_rate(config)
     local = max(local_before, local_after)
 
