@@ -25,6 +25,17 @@ logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+# Ray 2.60's dashboard probes cloud metadata (169.254.169.254, metadata.google.internal)
+# when a head starts, even with usage stats off (checked with strace). Sending HTTP
+# through a proxy on a closed loopback port makes those requests fail on this host;
+# no_proxy keeps Ray's own traffic to 127.0.0.1 direct.
+LOOPBACK_ONLY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "http_proxy": "http://127.0.0.1:9",
+    "https_proxy": "http://127.0.0.1:9",
+    "no_proxy": "127.0.0.1,localhost,::1",
+}
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
 
@@ -43,6 +54,7 @@ def use_loopback_only() -> None:
                 "before anything that imports ray"
             )
     os.environ[LOOPBACK_SWITCH] = "0"
+    os.environ.update(LOOPBACK_ONLY_ENV)
 
 
 def require_token_auth() -> None:

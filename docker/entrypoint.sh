@@ -3,6 +3,9 @@
 # plain host. `entrypoint.sh help` lists the roles and settings.
 set -euo pipefail
 
+# A port nothing listens on: requests sent through this proxy fail at once, on this host.
+LOOPBACK_PROXY=http://127.0.0.1:9
+
 readonly ROLES="head cpu-worker gpu-worker"
 
 # Ray 2.60 keeps a node's gRPC listeners on loopback only when the node IP is
@@ -243,6 +246,11 @@ start_node() {
     if [[ $bind_address == 127.0.0.1 ]]; then
         loopback=1
         export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+        # Ray 2.60's dashboard probes cloud metadata (169.254.169.254, metadata.google.internal)
+        # when a head starts, even with usage stats off. A proxy on a closed loopback port keeps
+        # those requests on this host; no_proxy leaves Ray's own 127.0.0.1 traffic direct.
+        export RAY_USAGE_STATS_ENABLED=0 http_proxy=$LOOPBACK_PROXY https_proxy=$LOOPBACK_PROXY
+        export no_proxy=127.0.0.1,localhost,::1
     else
         export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
         log "node IP $bind_address is not 127.0.0.1, so Ray listens on every interface of this host or container. Keep its ports reachable only from hosts that may run code on this cluster"

@@ -20,7 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from cluster.local_cluster import LOOPBACK_ONLY_ENV
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Every Ray process the tests start inherits this, so no traffic leaves 127.0.0.1.
+os.environ.update(LOOPBACK_ONLY_ENV)
 
 # Starting a Train worker group took 10-25 s on a loaded 2-core machine; Ray's default limit is 60 s.
 WORKER_GROUP_START_TIMEOUT_S = "300"
