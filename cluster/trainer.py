@@ -150,14 +150,16 @@ def run_on_ray(
     ``address`` None or "local" starts a single-node cluster on 127.0.0.1 for
     this call; "auto" or "HOST:PORT" joins a running cluster. ``run_name``
     defaults to ``default_run_name(run_dir)``, so the same run folder resumes.
-    Returns the metrics of the last meta-step.
+    ``trainer_label`` overrides ``cluster.trainer_label``. Returns the metrics
+    of the last meta-step.
     """
     from cluster.local_cluster import is_local_address, ray_session
 
     run_name = run_name or default_run_name(run_dir)
     num_cpus = max(required_cpus(config), os.cpu_count() or 1) if is_local_address(address) else None
     with ray_session(address, num_cpus=num_cpus):
-        result = fit_meta_training(config, run_name, trainer_label=trainer_label)
+        label = trainer_label if trainer_label is not None else config.cluster.trainer_label
+        result = fit_meta_training(config, run_name, trainer_label=label)
     history = export_run(result, run_dir)
     logger.info("Ray Train run %s finished; checkpoint copied to %s", run_name, Path(run_dir) / CHECKPOINT_NAME)
     return history[-1] if history else {}

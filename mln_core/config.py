@@ -189,6 +189,9 @@ class ClusterConfig(FrozenModel):
     generator_label: str | None = Field(
         None, description="Node label value of role= that generator actors are placed on; null places them anywhere."
     )
+    trainer_label: str | None = Field(
+        None, description="Node label value of role= that training workers are placed on; null places them anywhere."
+    )
     storage_path: str = Field("runs/ray", description="Ray Train storage path; shared storage on multi-node clusters.")
 
 
