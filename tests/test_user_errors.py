@@ -10,6 +10,7 @@ from jobs.checkpoint import CheckpointError, load_checkpoint, restore_trainer
 from jobs.cli import main
 from jobs.local import CHECKPOINT_NAME, run_local
 from mln_core.config import LossNetConfig
+from mln_core.estimators import MetaGradient
 from mln_core.loss_net import MetaLoss, MetaLossNet
 from mln_core.meta_train import MetaTrainer, NonFiniteMetaGradientError
 from tests.helpers import tiny_config
@@ -25,9 +26,8 @@ def test_adam_inner_optimizer_trains_on_padded_tasks():
 
 def test_repeated_nonfinite_steps_end_run():
     trainer = MetaTrainer(tiny_config())
-    trainer.estimator.estimate = lambda *args, **kwargs: type(
-        "R", (), {"gradient": torch.full_like(trainer.meta_params, float("nan")), "objective": 0.5, "metrics": {}}
-    )()
+    nan_gradient = MetaGradient(torch.full_like(trainer.meta_params, float("nan")), 0.5, {})
+    trainer.estimator.estimate = lambda *args, **kwargs: nan_gradient
     with pytest.raises(NonFiniteMetaGradientError, match="non-finite for 10 steps"):
         for _ in range(10):
             trainer.train_step(trainer.generate_my_tasks())
