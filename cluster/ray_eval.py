@@ -17,6 +17,8 @@ import pickle
 import time
 from pathlib import Path
 
+import torch
+
 from jobs import evaluate as local_evaluation
 from mln_core.config import Config
 from mln_core.evaluation import TRAINED_LOSSES, candidate_lrs, concat_chunks, evaluate_chunk, select_group
@@ -45,18 +47,7 @@ def _evaluate(config: Config, net: MetaLossNet, out_dir: Path) -> dict:
     import ray
     import ray.data
 
-    if not config.eval.classifiers:
-        raise ValueError("eval.classifiers is empty: list at least one of linear and mlp")
-    steps = config.inner.steps if config.eval.steps is None else config.eval.steps
-    # NOTE: the group and report helpers are private to jobs.evaluate; a public
-    # seam there (build groups, write report from results) would remove this coupling.
-    groups = local_evaluation._build_groups(config)
-    if not groups:
-        raise ValueError(
-            "nothing to evaluate: eval.linear_tasks and eval.nonlinear_tasks are 0 and eval.datasets and "
-            "eval.csv are empty. Set at least one of them"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    steps, groups = local_evaluation.plan_groups(config)
 
     # Each chunk goes to the object store once and is shared by every classifier and loss.
     # NOTE: the driver generates the held-out tasks; only their training is spread out.
@@ -75,7 +66,6 @@ def _evaluate(config: Config, net: MetaLossNet, out_dir: Path) -> dict:
     )
 
     def evaluate_item(item: dict) -> dict:
-        import torch
 
         torch.set_num_threads(ITEM_NUM_CPUS)
         inner_config = config.inner.model_copy(update={"classifier": item["classifier"]})
@@ -111,20 +101,8 @@ def _evaluate(config: Config, net: MetaLossNet, out_dir: Path) -> dict:
                 by_index = chunks[(classifier, g, loss)]
                 joined[loss] = concat_chunks([by_index[c] for c in sorted(by_index)])
             results[classifier][group.name] = select_group(joined, config.inner.lr, local_evaluation.CONFIDENCE)
-    return _write_report(config, net, groups, results, steps, out_dir)
-
-
-def _write_report(config: Config, net: MetaLossNet, groups: list, results: dict, steps: int, out_dir: Path) -> dict:
-    """Write report.json, report.md and the figures as ``jobs.evaluate.evaluate`` does."""
-    import torch
-
-    ev = local_evaluation
-    report = ev._replace_nonfinite(ev._report_dict(config, net, groups, results, steps, torch.device("cpu")))
-    report["environment"]["executor"] = "ray"
-    ev._write_atomic(out_dir / "report.json", lambda f: f.write(ev._to_json(report).encode()))
-    ev._write_atomic(out_dir / "report.md", lambda f: f.write(ev._render_markdown(report).encode()))
-    ev._write_figure(out_dir / "accuracy.png", ev._plot_accuracy(report))
-    ev._write_figure(out_dir / "curves.png", ev._plot_curves(report))
-    ev._write_figure(out_dir / "learned_loss.png", ev._plot_learned_loss(report))
-    logger.info("wrote %s to %s", ", ".join(ev.REPORT_FILES), out_dir)
+    report = local_evaluation.write_report(
+        config, net, groups, results, steps, torch.device("cpu"), out_dir, executor="ray"
+    )
+    logger.info("wrote %s to %s", ", ".join(local_evaluation.REPORT_FILES), out_dir)
     return report

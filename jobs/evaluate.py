@@ -92,17 +92,8 @@ def evaluate(config: Config, net: MetaLossNet, out_dir: Path, progress: Progress
     ``progress`` receives the lines that are logged at INFO level: one at the
     start, one per finished group and classifier, and one after writing.
     """
-    if not config.eval.classifiers:
-        raise ValueError("eval.classifiers is empty: list at least one of linear and mlp")
-    steps = config.inner.steps if config.eval.steps is None else config.eval.steps
-    groups = _build_groups(config)
-    if not groups:
-        raise ValueError(
-            "nothing to evaluate: eval.linear_tasks and eval.nonlinear_tasks are 0 and eval.datasets and "
-            "eval.csv are empty. Set at least one of them"
-        )
+    steps, groups = plan_groups(config)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     # Tasks move to the device of the MLN's weights.
     # NOTE: only the CPU path has been run so far.
@@ -124,15 +115,47 @@ def evaluate(config: Config, net: MetaLossNet, out_dir: Path, progress: Progress
             results[classifier][group.name] = result
             _report_progress(progress, _progress_line(classifier, group, result, time.perf_counter() - started))
 
+    report = write_report(config, net, groups, results, steps, device, out_dir)
+    _report_progress(progress, f"wrote {', '.join(REPORT_FILES)} to {out_dir}")
+    return report
+
+
+def plan_groups(config: Config) -> tuple[int, list[_Group]]:
+    """Return the inner steps and the evaluation groups of ``config``; raise ValueError when there are none."""
+    if not config.eval.classifiers:
+        raise ValueError("eval.classifiers is empty: list at least one of linear and mlp")
+    steps = config.inner.steps if config.eval.steps is None else config.eval.steps
+    groups = _build_groups(config)
+    if not groups:
+        raise ValueError(
+            "nothing to evaluate: eval.linear_tasks and eval.nonlinear_tasks are 0 and eval.datasets and "
+            "eval.csv are empty. Set at least one of them"
+        )
+    return steps, groups
+
+
+def write_report(
+    config: Config,
+    net: MetaLossNet,
+    groups: list[_Group],
+    results: dict[str, dict[str, GroupResult]],
+    steps: int,
+    device: torch.device,
+    out_dir: Path,
+    executor: str | None = None,
+) -> dict:
+    """Write the five report files into ``out_dir`` from per-classifier, per-group results; return the JSON."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     # Write the numbers first, so a failing plot still leaves them on disk.
     # A group of one task has no confidence interval (NaN), and JSON has no NaN, so it becomes null.
     report = _replace_nonfinite(_report_dict(config, net, groups, results, steps, device))
+    if executor is not None:
+        report["environment"]["executor"] = executor
     _write_atomic(out_dir / "report.json", lambda f: f.write(_to_json(report).encode()))
     _write_atomic(out_dir / "report.md", lambda f: f.write(_render_markdown(report).encode()))
     _write_figure(out_dir / "accuracy.png", _plot_accuracy(report))
     _write_figure(out_dir / "curves.png", _plot_curves(report))
     _write_figure(out_dir / "learned_loss.png", _plot_learned_loss(report))
-    _report_progress(progress, f"wrote {', '.join(REPORT_FILES)} to {out_dir}")
     return report
 
 
