@@ -264,7 +264,8 @@ def _progress_line(classifier: str, group: _Group, result: GroupResult, seconds:
         loss = result.losses[name]
         lr = f" (lr {loss.lr:g})" if name.endswith("_tuned") else ""
         parts.append(f"{_LABELS[name]} {100 * loss.mean:.1f}%{lr}")
-    return f"{classifier} classifier, {group.name} ({group.num_tasks} tasks, {seconds:.1f} s): " + ", ".join(parts)
+    tasks = "1 task" if group.num_tasks == 1 else f"{group.num_tasks} tasks"
+    return f"{classifier} classifier, {group.name} ({tasks}, {seconds:.1f} s): " + ", ".join(parts)
 
 
 # ---------------------------------------------------------------- report.json
@@ -407,7 +408,8 @@ def _same_settings_line(baseline: str, by_group: dict[str, GroupResult]) -> str:
     if better:
         parts.append(f"beats {label} significantly on {len(better)} of {len(by_group)} groups: {_join(better)}")
     else:
-        parts.append(f"beats {label} significantly on none of the {len(by_group)} groups")
+        scope = "the one group" if len(by_group) == 1 else f"the {len(by_group)} groups"
+        parts.append(f"beats {label} significantly on none of {scope}")
     if worse:
         parts.append(f"is significantly worse on {_join(worse)}")
     if unclear:
@@ -517,7 +519,8 @@ def _pp(fraction: float) -> str:
 def _signed_pp(fraction: float) -> str:
     if fraction is None or not math.isfinite(fraction):
         return "n/a"
-    return f"{100 * fraction:+.1f}"
+    text = f"{100 * fraction:+.1f}"
+    return "0.0" if text in ("+0.0", "-0.0") else text
 
 
 def _join(items: Sequence[str]) -> str:
