@@ -76,7 +76,7 @@ def require_token_auth() -> None:
 
 
 def is_local_address(address: str | None) -> bool:
-    """Whether ``address`` requests a new single-node cluster (None or "local")."""
+    """Return whether ``address`` requests a new single-node cluster (None or "local")."""
     return address is None or address == "local"
 
 

@@ -26,14 +26,13 @@ from ray.train import Checkpoint
 from cluster.generators import TaskFeeder, batch_nbytes, placement_info
 from jobs.checkpoint import atomic_write_text, restore_trainer, save_checkpoint
 from jobs.config_io import config_from_dict
+from jobs.local import CHECKPOINT_NAME, METRICS_NAME
 from jobs.run_log import MetricsLog, format_step
 from mln_core.config import Config
 from mln_core.meta_train import MetaTrainer, task_share
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.jsonl"
 PLACEMENT_NAME = "placement.json"
 ATTEMPTS_NAME = "attempts.jsonl"
 

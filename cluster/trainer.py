@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from cluster import GENERATOR_NUM_CPUS
 from jobs.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint
+from jobs.local import CHECKPOINT_NAME, CURVES_NAME, METRICS_NAME
 from jobs.run_log import plot_training_curves
 from mln_core.config import Config
 
@@ -35,9 +36,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.jsonl"
-CURVES_NAME = "training_curves.png"
 POOL_NAME = "generator_pool.json"
 
 # Restarts of the worker group after a worker or node failure, per fit.

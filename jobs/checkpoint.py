@@ -1,7 +1,7 @@
 """Checkpoint files: one ``torch.save`` archive, written atomically, read without unpickling objects.
 
-The archive holds only tensors, numbers, strings, lists and dicts, so
-``torch.load(weights_only=True)`` reads it; the configuration and the metrics
+The archive contains only tensors, numbers, strings, lists and dicts, so
+``torch.load(weights_only=True)`` reads it. The configuration and the metrics
 are stored as JSON strings and validated on load.
 """
 

@@ -118,7 +118,7 @@ def command_evaluate(args: argparse.Namespace) -> None:
     tree = load_config_tree(args.config, args.overrides, base=checkpoint_config.model_dump(mode="json"))
     if args.csv:
         if not args.target:
-            raise ConfigError("--csv needs --target: the name of the column that holds the class labels")
+            raise ConfigError("--target is missing: --csv needs the name of the column that contains the class labels")
         csv = {"path": args.csv, "target": args.target, "drop": args.drop, "impute": args.impute}
         tree.setdefault("eval", {})
         tree["eval"]["csv"] = [*tree["eval"].get("csv", []), csv]

@@ -45,9 +45,9 @@ class MetricsLog:
 
     def keep_before(self, step: int) -> list[dict]:
         """Drop records of steps >= ``step`` (written after the checkpoint a run resumes from)."""
-        kept = [r for r in self.read() if r.get("meta/step", -1) < step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        return kept
+        earlier = [r for r in self.read() if r.get("meta/step", -1) < step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in earlier))
+        return earlier
 
     def append(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Classifiers trained in the inner loop, as pure functions of a parameter dict.
 
-Parameters carry a leading task dimension T when initialised; the logits
-functions see one task at a time because the inner loop maps them with vmap.
+Parameters carry a leading task dimension T when initialised. The logits
+functions receive one task at a time because the inner loop maps them with vmap.
 """
 
 from __future__ import annotations

@@ -24,12 +24,12 @@ _ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8
 
 
 def task_keys(tasks: TaskBatch) -> torch.Tensor:
-    """One int64 key ``[T]`` per task, shared by initialisation and minibatch sampling."""
+    """Return one int64 key ``[T]`` per task, shared by initialisation and minibatch sampling."""
     return rng.fold_keys(tasks.seed, tasks.task_index)
 
 
 def masked_logits(params: Params, x: torch.Tensor, class_mask: torch.Tensor) -> torch.Tensor:
-    """One task's logits ``[N, C]`` with padded classes pushed to a large negative value."""
+    """Compute one task's logits ``[N, C]`` with padded classes pushed to a large negative value."""
     return classifiers.logits(params, x).masked_fill(~class_mask, NEG_INF_LOGIT)
 
 

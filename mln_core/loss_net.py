@@ -60,7 +60,7 @@ class MetaLossNet(nn.Module):
         weight, bias = linears[0].weight, linears[0].bias
         for layer in linears[1:]:
             x = torch.sigmoid(nn.functional.linear(x, 2.0 * weight, 2.0 * bias))
-            # The next layer sees 2 s - 1 instead of s: scale its weight, shift its bias.
+            # The next layer's input is 2 s - 1 instead of s, so scale its weight and shift its bias.
             weight, bias = 2.0 * layer.weight, layer.bias - layer.weight.sum(-1)
         return nn.functional.linear(x, weight, bias).reshape(*leading, weight.shape[0])
 

@@ -1,6 +1,6 @@
 """The outer loop's state and update: Adam on the flat MLN weights.
 
-``MetaTrainer.train_step`` takes this worker's tasks and a ``reduce``; it is
+``MetaTrainer.train_step`` takes this worker's tasks and a ``reduce``. It is
 the whole meta-step apart from fetching tasks, so the in-process driver and
 the Ray workers call the same code.
 """
@@ -33,8 +33,8 @@ def init_loss_net(config: Config) -> MetaLossNet:
 def task_share(config: Config, step: int, rank: int = 0, world_size: int = 1, splits_tasks: bool = True) -> range:
     """Global indices of the training tasks that worker ``rank`` uses at meta-step ``step``.
 
-    Step s uses tasks [s T, (s + 1) T) of the stream ``train.seed``; with task
-    splitting each worker takes a contiguous share (shares differ by at most one).
+    Step s uses tasks [s T, (s + 1) T) of the stream ``train.seed``. With task
+    splitting, each worker takes a contiguous share, and shares differ by at most one task.
     """
     per_step = config.train.tasks_per_step
     start = step * per_step

@@ -1,7 +1,7 @@
 """Counter-based random numbers: every value is a pure function of its keys.
 
 A task, a perturbation or a minibatch is addressed by integers (seed, stream,
-index, position) and hashed with SplitMix64, so any worker can regenerate any
+index, position) and hashed with SplitMix64. So any worker can regenerate any
 piece without shared generator state, and a batch of T tasks is drawn in one
 vectorised call. Integer hashing is exact on every device; the float
 transforms (log, cos) agree bitwise between CPU runs of the same torch build.

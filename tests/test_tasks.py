@@ -9,7 +9,8 @@ from mln_core.tasks import concat, generate_tasks
 def test_uniform_range_and_moments():
     values = rng.uniform(torch.tensor([3, 4]), (50_000,))
     assert values.shape == (2, 50_000)
-    assert values.min() > 0 and values.max() < 1
+    assert values.min() > 0
+    assert values.max() < 1
     assert abs(float(values.mean()) - 0.5) < 0.01
 
 
@@ -50,7 +51,8 @@ def test_shapes_and_padding():
     assert tasks.teacher.shape == (16, 5, 9)
     for t in range(16):
         d, c = int(tasks.num_features[t]), int(tasks.num_classes[t])
-        assert 3 <= d <= 8 and 2 <= c <= 5
+        assert 3 <= d <= 8
+        assert 2 <= c <= 5
         assert torch.all(tasks.train_x[t, :, d:] == 0)
         assert int(tasks.train_y[t].max()) < c
         assert int(tasks.class_mask[t].sum()) == c

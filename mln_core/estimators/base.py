@@ -1,6 +1,6 @@
 """The interface every meta-gradient estimator implements, and shared bookkeeping.
 
-An estimator sees only its worker's share of a meta-step. Sums over tasks (or
+An estimator receives only its worker's share of a meta-step. Sums over tasks (or
 over population members) go through ``reduce``, a sum over all workers that
 is the identity in a single process, so every worker ends with the same
 gradient and the distributed layer only has to pass an all-reduce in.
@@ -22,7 +22,7 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 def local_sum(values: torch.Tensor) -> torch.Tensor:
-    """The ``reduce`` of a single process: nothing to add."""
+    """Return ``values`` unchanged: the ``reduce`` of a single process, which has nothing to add."""
     return values
 
 

@@ -1,4 +1,4 @@
-"""Antithetic evolution strategy with fitness shaping (the paper's estimator).
+"""Antithetic evolution strategy with fitness shaping, the estimator of Hai et al. (arXiv 2111.10583).
 
 Each of the P/2 noise vectors ``eps_j`` is drawn from (run seed, meta-step,
 j), so any worker regenerates any member without communication. The MLN is
